@@ -1,0 +1,29 @@
+"""rifle-hf: RIFLE (Li et al., ICML 2020) for timm and Hugging Face models.
+
+Architecture: a functional core (`heads.find_head`, `reinit.reinit_head`, `schedule.RifleScheduler`)
+and thin adapters (`callback.RifleCallback` / `RifleTrainer` for transformers, `timm_wrapper.RifleWrapper`
+for timm-style loops, and the scripts in ``recipes/``).
+"""
+
+from .callback import RifleCallback, RifleTrainer
+from .heads import HeadNotFoundError, find_head, unwrap_model
+from .optim import split_head_param_groups
+from .reinit import INITIALIZERS, reinit_head
+from .schedule import RifleConfig, RifleScheduler
+from .timm_wrapper import RifleWrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "INITIALIZERS",
+    "HeadNotFoundError",
+    "RifleCallback",
+    "RifleConfig",
+    "RifleScheduler",
+    "RifleTrainer",
+    "RifleWrapper",
+    "find_head",
+    "reinit_head",
+    "split_head_param_groups",
+    "unwrap_model",
+]
