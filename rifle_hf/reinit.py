@@ -89,6 +89,25 @@ def _reinit_module(module: nn.Module, init: str, gen: torch.Generator) -> None:
         param.copy_(values.to(device=param.device, dtype=param.dtype))
 
 
+def check_reinit_supported(params: Iterable[nn.Parameter]) -> None:
+    """Refuse sharded heads (FSDP / DTensor, DeepSpeed ZeRO-3): writing a full tensor into one shard would
+    silently leave ranks with different heads. Called when training starts, never mid-run."""
+    params = list(params)
+    if not params:
+        raise ValueError(
+            "RIFLE: the classifier head has no parameters here (is it sharded, e.g. by FSDP without "
+            "use_orig_params?); pass head=... naming a module that owns its weights."
+        )
+    for param in params:
+        kinds = {type(param).__name__, type(getattr(param, "data", None)).__name__}
+        if kinds & {"DTensor", "FlatParameter"} or hasattr(param, "ds_id"):
+            raise ValueError(
+                "RIFLE: the classifier head is sharded (FSDP / DTensor or DeepSpeed ZeRO-3); rifle-hf cannot "
+                "re-initialize it consistently. Train with DDP, or keep the head unsharded (e.g. FSDP "
+                "ignored_modules / ZeRO stage <= 2)."
+            )
+
+
 def head_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     """All parameters of the head modules, without duplicates, in a fixed order."""
     seen: dict[int, nn.Parameter] = {}

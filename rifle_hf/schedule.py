@@ -173,8 +173,11 @@ class RifleScheduler:
         self.points = config.resolve_points(self.total, unit)
         # Resolve the head now: a missing head fails at train start, never mid-run.
         from .heads import find_head
+        from .reinit import check_reinit_supported, head_parameters
 
-        self.head_names = [name for name, _ in find_head(model, config.head)]
+        heads = find_head(model, config.head)
+        check_reinit_supported(head_parameters(m for _, m in heads))
+        self.head_names = [name for name, _ in heads]
         self.history: list[ReinitEvent] = []
         if config.head_lr == "cyclic" and optimizer is not None and not head_param_groups(optimizer):
             raise ValueError(
