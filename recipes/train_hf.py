@@ -18,10 +18,13 @@ Writes to ``--output_dir``: the model + image processor (``save_pretrained``, sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError("--push_to_hub: the Hugging Face Hub is switched off here (HF_HUB_OFFLINE=1); unset it or "
                          "drop --push_to_hub and upload output_dir later")
     output_dir = Path(training_args.output_dir)
+    check_output_dir(output_dir)
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
     previous_run = output_dir.is_dir() and any(
         p.name.startswith("checkpoint-") or p.name in ("all_results.json", "model.safetensors")
@@ -229,21 +233,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- Train (a run that fails before its first checkpoint leaves no output_dir behind) -------------------------
     trainer_cls = RifleRecipeTrainer if rifle is not None else RecipeTrainer
     with output_dir_guard(output_dir, enabled=main_process):
-        trainer = trainer_cls(
-            model=model,
-            args=training_args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_datasets,
-            data_collator=collator,
-            processing_class=processor,
-            compute_metrics=lambda p: compute_classification_metrics(p.predictions, p.label_ids),
-            l2sp=l2sp,
-            lr_schedule=method_args.lr_schedule,
-            cyclic_rifle=rifle,
-            lr_cycles=method_args.lr_cycles,
-            train_collator=collator,
-            **({"rifle": rifle} if rifle is not None else {}),
-        )
+        with hub_errors_as_one_line(
+            training_args.push_to_hub, f"--push_to_hub: cannot create the Hub repo {training_args.hub_model_id}",
+            "check the network and --hub_token, or drop --push_to_hub and upload output_dir later",
+        ):
+            trainer = trainer_cls(
+                model=model,
+                args=training_args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_datasets,
+                data_collator=collator,
+                processing_class=processor,
+                compute_metrics=lambda p: compute_classification_metrics(p.predictions, p.label_ids),
+                l2sp=l2sp,
+                lr_schedule=method_args.lr_schedule,
+                cyclic_rifle=rifle,
+                lr_cycles=method_args.lr_cycles,
+                train_collator=collator,
+                **({"rifle": rifle} if rifle is not None else {}),
+            )
         train_result = trainer.train(resume_from_checkpoint=resume)
 
         # -- Evaluate, then save (staged: files appear in output_dir only once all are written) ------------------
@@ -283,11 +291,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 files = sorted(p.name for p in stage.iterdir())
     trainer.accelerator.wait_for_everyone()
     if training_args.push_to_hub:
-        try:
+        with hub_errors_as_one_line(True, f"training finished (outputs in {output_dir}) but pushing to "
+                                    f"{training_args.hub_model_id} failed", "upload output_dir later"):
             trainer.push_to_hub(commit_message="RIFLE fine-tuning (rifle-hf)")
-        except OSError as err:  # requests / huggingface_hub errors
-            raise ValueError(f"training finished (outputs in {output_dir}) but pushing to "
-                             f"{training_args.hub_model_id} failed: {err}; upload output_dir later") from err
 
     split = info.eval_split
     metrics = {k.removeprefix(f"{split}_"): v for k, v in results.items()
@@ -308,6 +314,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "files": files,
         "updates_per_epoch": per_epoch,
     }
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail before anything is loaded when ``--output_dir`` cannot be created or written (a path under a
+    file, a read-only or virtual file system), instead of after training; leaves nothing behind."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output_dir {path}: {existing} is a file, not a folder; pass a writable folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"--output_dir {path} cannot be written ({err.strerror or err} in {existing}); pass a writable folder"
+        ) from err
+
+
+@contextlib.contextmanager
+def hub_errors_as_one_line(enabled: bool, what: str, fix: str) -> Iterator[None]:
+    """Network / Hub errors (huggingface_hub raises httpx errors, which are not OSErrors) as one
+    ``ValueError`` line saying what failed and the fix, instead of a traceback."""
+    try:
+        yield
+    except Exception as err:
+        from_hub = isinstance(err, ConnectionError) or type(err).__module__.split(".")[0] in _HUB_ERROR_MODULES
+        if not enabled or not from_hub:
+            raise
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"{what} ({type(err).__name__}: {detail}); {fix}") from err
+
+
+_HUB_ERROR_MODULES = {"huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"}
 
 
 def hub_offline() -> bool:

@@ -9,9 +9,13 @@ reference's cyclic head LR needs, and puts ``rifle/*`` values into the logs ever
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
+import os
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +23,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, TrainerControl, TrainerState
 from transformers.training_args import TrainingArguments
 
+from .heads import unwrap_model
 from .optim import head_param_groups, split_head_param_groups
 from .schedule import ReinitEvent, RifleConfig, RifleScheduler
 
@@ -26,6 +31,33 @@ logger = logging.getLogger(__name__)
 
 REINIT_LOG_KEY = "rifle/reinit"
 HEAD_LR_LOG_KEY = "rifle/head_lr"
+
+
+def checkpoint_mismatches(model: torch.nn.Module, checkpoint_dir: str | os.PathLike) -> list[str] | None:
+    """Names of ``model``'s tensors that differ from those saved in ``checkpoint_dir`` ([] = all equal).
+
+    None when the folder holds no full-model weights to compare (e.g. a PEFT adapter checkpoint). Keys
+    are matched after the same conversion ``from_pretrained`` applies: transformers 5 saves some
+    architectures (ViT, ...) under legacy names, so a raw key-by-key comparison would be meaningless.
+    """
+    from .hf_training import CheckpointLoadError, read_checkpoint_state_dict
+
+    base = unwrap_model(model)
+    target = base.state_dict()
+    try:
+        source = read_checkpoint_state_dict(checkpoint_dir)
+    except CheckpointLoadError:
+        return None
+    if not all(k in source for k in target) and hasattr(type(base), "from_pretrained"):
+        try:
+            config = copy.deepcopy(base.config)
+            source = type(base).from_pretrained(os.fspath(checkpoint_dir), config=config).state_dict()
+        except (RuntimeError, OSError, ValueError, AttributeError):
+            pass  # the keys stay unmatched and are reported below
+    return [
+        k for k, v in target.items()
+        if k not in source or source[k].shape != v.shape or not torch.equal(source[k].to(v.dtype), v.cpu())
+    ]
 
 
 def updates_per_epoch(train_dataloader: Any, gradient_accumulation_steps: int) -> int | None:
@@ -79,6 +111,8 @@ class RifleCallback(TrainerCallback, ExportableState):
     ) -> None:
         if model is None:
             raise ValueError("RifleCallback needs the model; use it inside transformers.Trainer.")
+        if state.global_step > 0:
+            self._check_resumed_weights(args, state, model)
         config = self.config
         per_epoch = updates_per_epoch(train_dataloader, args.gradient_accumulation_steps)
         unit = config.unit
@@ -106,6 +140,34 @@ class RifleCallback(TrainerCallback, ExportableState):
         self.scheduler.step_update(state.global_step)  # head LR for the first step (also on resume)
         points = self.scheduler.point_updates or []
         logger.info("RIFLE: %d re-init(s) at optimizer steps %s (%s)", len(points), points, config.head_lr)
+
+    @staticmethod
+    def _check_resumed_weights(args: TrainingArguments, state: TrainerState, model: torch.nn.Module) -> None:
+        """Fail if a resumed run does not hold its checkpoint's weights.
+
+        ``Trainer.train(resume_from_checkpoint=...)`` loads weights with ``strict=False``: keys saved under
+        legacy names (transformers 5 writes ViT that way) are skipped with a warning and training goes on
+        from the un-resumed weights. We only see ``output_dir/checkpoint-<global_step>``; it is checked when
+        its ``trainer_state.json`` is the state just resumed (same log history), i.e. when it is the
+        checkpoint we resumed from. Sharded models (FSDP, DeepSpeed) are left to their own loaders.
+        """
+        folder = Path(args.output_dir or ".") / f"checkpoint-{state.global_step}"
+        if not args.output_dir or args.fsdp or args.deepspeed or not folder.is_dir():
+            return
+        try:
+            saved = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if saved.get("global_step") != state.global_step or saved.get("log_history") != state.log_history:
+            return  # another run's checkpoint at the same step: not the one resumed from
+        wrong = checkpoint_mismatches(model, folder)
+        if wrong:
+            total = len(unwrap_model(model).state_dict())
+            raise ValueError(
+                f"RifleCallback: resumed from {folder}, but {len(wrong)} of the model's {total} tensors "
+                f"differ from it (e.g. {wrong[0]}): Trainer's resume skipped weights the checkpoint stores "
+                "under other names; train with rifle_hf.RifleTrainer, which loads checkpoints strictly"
+            )
 
     def _restore_history(self, state: TrainerState) -> None:
         stored = state.stateful_callbacks.get(type(self).__name__) if state.stateful_callbacks else None
@@ -158,8 +220,10 @@ class RifleTrainer(Trainer):
 
     ``RifleTrainer(model, args, ..., rifle=RifleConfig(num_reinits=3))`` (or a `RifleCallback` in
     ``callbacks``). Compared with a plain Trainer it (1) moves the head into its own optimizer param
-    groups, keeping Trainer's decay / no-decay split, so the head can follow the cyclic LR, and
-    (2) merges ``rifle/reinit`` and ``rifle/head_lr`` into the logs all reporters receive.
+    groups, keeping Trainer's decay / no-decay split, so the head can follow the cyclic LR,
+    (2) merges ``rifle/reinit`` and ``rifle/head_lr`` into the logs all reporters receive, and
+    (3) loads checkpoints strictly (every tensor checked) on resume and for ``load_best_model_at_end``,
+    where Trainer's own load silently skips weights saved under legacy names.
     """
 
     def __init__(self, *args: Any, rifle: RifleConfig | None = None, **kwargs: Any) -> None:
@@ -180,6 +244,39 @@ class RifleTrainer(Trainer):
             if cb.config.head_lr == "cyclic":
                 split_head_param_groups(optimizer, model if model is not None else self.model, cb.config.head)
         return optimizer
+
+    def _loads_plain_weights(self, model: torch.nn.Module, checkpoint_dir: str | os.PathLike) -> bool:
+        """A full-model weights file that a plain state_dict load handles (not FSDP/DeepSpeed/PEFT)."""
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            return False
+        if hasattr(model, "peft_config") and hasattr(model, "active_adapters"):
+            return False
+        names = ("model.safetensors", "pytorch_model.bin")
+        folder = Path(checkpoint_dir)
+        return any((folder / n).is_file() for name in names for n in (name, f"{name}.index.json"))
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        """Resume strictly: Trainer's own load (``strict=False``) silently skips weights saved under legacy
+        names (e.g. ViT in transformers 5) and would continue from the un-resumed model."""
+        target = model if model is not None else self.model
+        if not self._loads_plain_weights(target, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        from .hf_training import load_checkpoint_weights_strict
+
+        load_checkpoint_weights_strict(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the same strict load as on resume."""
+        best = self.state.best_model_checkpoint
+        if not best or not self._loads_plain_weights(self.model, best):
+            super()._load_best_model()
+            return
+        from .hf_training import load_checkpoint_weights_strict
+
+        load_checkpoint_weights_strict(self.model, best)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         for cb in self._rifle_callbacks():

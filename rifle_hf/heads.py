@@ -23,6 +23,7 @@ from torch import nn
 
 __all__ = [
     "HEAD_RULES",
+    "check_head_outputs",
     "HF_HEAD_PATHS",
     "HeadNotFoundError",
     "HeadRule",
@@ -559,3 +560,28 @@ def find_head(model: nn.Module, head: str | Sequence[str] | None = None) -> list
             return _dedupe(found)
     reason = f"no projection outputs {_count_name(base)}={n}" if n is not None else "no module named like a head"
     raise HeadNotFoundError(_no_head_message(base, reason))
+
+
+def check_head_outputs(model: nn.Module, heads: Sequence[tuple[str, nn.Module]]) -> None:
+    """Refuse a user-named head that cannot produce the logits.
+
+    If none of its layers outputs the model's number of classes (e.g. ``head="conv1"``), RIFLE would
+    re-initialize a backbone layer every period; better to stop at train start with the fix.
+    """
+    n = _num_outputs(unwrap_model(model))
+    sizes: set[int] = set()
+    for _, module in heads:  # a layer's own output size; for a container, those of the layers inside
+        own = _out_size(module)
+        sizes |= {own} if own is not None else {s for _, m in _projections(module) if (s := _out_size(m))}
+    if n is None or not sizes or n in sizes:
+        return
+    try:
+        detected = [name for name, _ in find_head(model)]
+    except HeadNotFoundError:
+        detected = []
+    fix = f"head={detected[0]!r} (the detected classifier)" if detected else "the layer that outputs the logits"
+    names = ", ".join(repr(name) for name, _ in heads)
+    raise HeadNotFoundError(
+        f"head {names} outputs {sorted(sizes)} values but the model has {n} classes, so it is not the "
+        f"classifier; pass {fix} or leave the head unset."
+    )

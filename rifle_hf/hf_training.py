@@ -134,6 +134,27 @@ class RifleTrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False
         super().__post_init__()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles never hold Hub tokens: Trainer writes ``torch.save(args)`` as ``training_args.bin`` into
+        every checkpoint and the output folder (which ``--push_to_hub`` uploads). ``TrainingArguments``
+        redacts ``*_token`` fields in its repr and ``to_dict``, not in its pickle."""
+        state = dict(self.__dict__)
+        for key, value in state.items():
+            if key.endswith("_token") and isinstance(value, str):
+                state[key] = None
+        return state
+
+    def __copy__(self) -> RifleTrainingArguments:  # in-process copies keep the token
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> RifleTrainingArguments:
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
 
 def _has_accelerator() -> bool:
     accel = getattr(torch, "accelerator", None)
@@ -604,6 +625,29 @@ class RecipeTrainerMixin:
             )
         self.accelerator.wait_for_everyone()
 
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        self._refresh_checkpoint_state()
+
+    def _refresh_checkpoint_state(self) -> None:
+        """Put what happened after this step's checkpoint (an epoch-end evaluation runs after a step-based
+        save of the same step) into that checkpoint's ``trainer_state.json``, atomically; otherwise a run
+        resumed from it loses those results from its log and ``history.json``."""
+        if not self.args.should_save:
+            return
+        state_file = Path(self._get_output_dir(None)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}" / (
+            TRAINER_STATE_NAME
+        )
+        try:
+            saved = json.loads(state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if saved.get("global_step") != self.state.global_step or saved.get("log_history") == self.state.log_history:
+            return
+        tmp = state_file.with_name(TRAINER_STATE_NAME + ".tmp")
+        self.state.save_to_json(str(tmp))
+        os.replace(tmp, state_file)
+
     def _plain_weights_load(self, model: nn.Module) -> bool:
         return not (
             getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False) or _is_peft(model)
@@ -689,12 +733,17 @@ def load_image_classifier(
     id2label = {i: str(n) for i, n in enumerate(label_names)}
     label2id = {n: i for i, n in id2label.items()}
     hub = {k: v for k, v in {"revision": revision, "cache_dir": cache_dir, "token": token}.items() if v}
-    if trust_remote_code:
-        hub["trust_remote_code"] = True
+    # Always explicit: left unset, transformers asks on the terminal ([y/N]) whether to run a repo's code.
+    hub["trust_remote_code"] = bool(trust_remote_code)
     offline_name = name.removeprefix("timm/") if name.startswith("timm/") else None
     try:
         config = AutoConfig.from_pretrained(name, **hub)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise ValueError(
+                f"model {name!r} is defined by its own Python code (auto_map in its config), which is not run "
+                "by default; pass --trust_remote_code true only if you have read and trust that code"
+            ) from err
         if offline_name and _is_hub_unreachable(err) and offline_source_for(offline_name):
             model = create_hf_timm_wrapper(offline_name, num_labels=len(id2label), id2label=id2label)
             native = _set_timm_rates(model.config, drop_rate, drop_path_rate)

@@ -172,10 +172,12 @@ class RifleScheduler:
         self.seed = 0 if config.seed is None else int(config.seed)
         self.points = config.resolve_points(self.total, unit)
         # Resolve the head now: a missing head fails at train start, never mid-run.
-        from .heads import find_head
+        from .heads import check_head_outputs, find_head
         from .reinit import check_reinit_supported, head_parameters
 
         heads = find_head(model, config.head)
+        if config.head is not None:
+            check_head_outputs(model, heads)
         check_reinit_supported(head_parameters(m for _, m in heads))
         self.head_names = [name for name, _ in heads]
         self.history: list[ReinitEvent] = []
