@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -433,8 +434,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     if "trainer" in args.only:
         rows += measure_trainer(args)
+        bc.write_csv(args.out / "overhead.csv", rows, ["metric", "value", "unit", "note"])  # partial, kept if killed
     if "throughput" in args.only:
         rows += measure_throughput(args)
+    with contextlib.suppress(OSError):
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+        rows.append({"metric": "load_after", "value": os.getloadavg()[0], "unit": "load1", "note": uptime})
     bc.write_csv(args.out / "overhead.csv", rows, ["metric", "value", "unit", "note"])
     plot(rows, args.out / "overhead.png")
     for r in rows:

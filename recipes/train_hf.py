@@ -18,13 +18,10 @@ Writes to ``--output_dir``: the model + image processor (``save_pretrained``, sa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import sys
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,15 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, set_seed
 
-from rifle_hf.cli import add_competitor_args, add_rifle_args, one_line_errors, rifle_config_from_args
+from rifle_hf.cli import (
+    add_competitor_args,
+    add_rifle_args,
+    check_output_dir,
+    hub_errors_as_one_line,
+    hub_offline,
+    one_line_errors,
+    rifle_config_from_args,
+)
 from rifle_hf.data import (
     BatchTransform,
     HFImageCollator,
@@ -314,46 +319,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "files": files,
         "updates_per_epoch": per_epoch,
     }
-
-
-def check_output_dir(path: Path) -> None:
-    """Fail before anything is loaded when ``--output_dir`` cannot be created or written (a path under a
-    file, a read-only or virtual file system), instead of after training; leaves nothing behind."""
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"--output_dir {path}: {existing} is a file, not a folder; pass a writable folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise ValueError(
-            f"--output_dir {path} cannot be written ({err.strerror or err} in {existing}); pass a writable folder"
-        ) from err
-
-
-@contextlib.contextmanager
-def hub_errors_as_one_line(enabled: bool, what: str, fix: str) -> Iterator[None]:
-    """Network / Hub errors (huggingface_hub raises httpx errors, which are not OSErrors) as one
-    ``ValueError`` line saying what failed and the fix, instead of a traceback."""
-    try:
-        yield
-    except Exception as err:
-        from_hub = isinstance(err, ConnectionError) or type(err).__module__.split(".")[0] in _HUB_ERROR_MODULES
-        if not enabled or not from_hub:
-            raise
-        detail = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"{what} ({type(err).__name__}: {detail}); {fix}") from err
-
-
-_HUB_ERROR_MODULES = {"huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"}
-
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _card_settings(training_args: Any, method_args: Any, cfg: PreprocessConfig, reinit_steps: list[int]) -> dict:

@@ -4,10 +4,14 @@ flags, and a `main` wrapper that turns bad input into one clear line and a non-z
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
+import pickle
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from .schedule import RifleConfig
@@ -76,8 +80,9 @@ class UserError(ValueError):
 
 
 def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``main``; a ValueError / FileNotFoundError / PermissionError becomes ``error: <message>``
-    on stderr and exit code 2, instead of a traceback. ``RIFLE_DEBUG=1`` shows the traceback."""
+    """Run ``main``; a ValueError, OSError (missing file, no permission, not a folder, ...), ImportError
+    or refused pickle becomes ``error: <message>`` on stderr and exit code 2, instead of a traceback.
+    ``RIFLE_DEBUG=1`` shows the traceback."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -85,7 +90,7 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
 
         try:
             return main(*args, **kwargs)
-        except (ValueError, FileNotFoundError, PermissionError, ImportError) as err:
+        except (ValueError, OSError, ImportError, pickle.UnpicklingError) as err:
             if os.environ.get("RIFLE_DEBUG"):
                 raise
             message = " ".join(str(err).split()) or type(err).__name__
@@ -93,3 +98,43 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail before anything is loaded when ``--output_dir`` cannot be created or written (a path under a
+    file, a read-only or virtual file system), instead of after training; leaves nothing behind."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output_dir {path}: {existing} is a file, not a folder; pass a writable folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"--output_dir {path} cannot be written ({err.strerror or err} in {existing}); pass a writable folder"
+        ) from err
+
+
+@contextlib.contextmanager
+def hub_errors_as_one_line(enabled: bool, what: str, fix: str) -> Iterator[None]:
+    """Network / Hub errors (huggingface_hub raises httpx errors, which are not OSErrors) as one
+    ``ValueError`` line saying what failed and the fix, instead of a traceback."""
+    try:
+        yield
+    except Exception as err:
+        from_hub = isinstance(err, ConnectionError) or type(err).__module__.split(".")[0] in _HUB_ERROR_MODULES
+        if not enabled or not from_hub:
+            raise
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"{what} ({type(err).__name__}: {detail}); {fix}") from err
+
+
+_HUB_ERROR_MODULES = {"huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3"}
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
