@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from rifle_hf import cli as rifle_cli  # noqa: E402
-from rifle_hf.cli import UserError  # noqa: E402
+from rifle_hf.cli import UserError, check_output_dir, hub_errors_as_one_line, hub_offline  # noqa: E402
 
 logger = logging.getLogger("train_timm")
 DEFAULT_MODEL = "tf_efficientnet_lite0"
@@ -102,6 +102,10 @@ def _check_args(args: argparse.Namespace) -> None:
     """Cheap checks that must fail before anything is loaded or written."""
     if args.push_to_hub and not args.hub_model_id:
         raise UserError("--push_to_hub needs --hub_model_id user/name (the Hub repository to create or update)")
+    if args.push_to_hub and hub_offline():
+        raise UserError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set; unset it or push the folder later")
+    if args.output_dir:
+        check_output_dir(Path(args.output_dir))
     for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -526,11 +530,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     depth.to_csv(stage / "depth.csv")
                     depth.plot(stage / "depth.png", title=f"{args.model}: backpropagation in depth")
                 files = sorted(p.name for p in stage.iterdir())
-        if main_process and args.push_to_hub:
-            _push(args, output_dir, files)
         accelerator.wait_for_everyone()
         if log_with is not None:
             accelerator.end_training()
+    if main_process and args.push_to_hub:  # after the guard: a failed push never removes the finished run
+        with hub_errors_as_one_line(
+            True, f"training finished (outputs in {output_dir}) but pushing to {args.hub_model_id} failed",
+            "check the network and token, then upload output_dir later (`huggingface-cli upload`)",
+        ):
+            _push(args, output_dir, files)
 
     _debug_dump(accelerator, base)
     accelerator.print(

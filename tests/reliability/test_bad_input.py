@@ -26,12 +26,6 @@ SCRIPTS = {"timm": ROOT / "recipes" / "train_timm.py", "hf": ROOT / "recipes" / 
 TOKEN = "hf_FAKEbadinput0123456789abcdefXYZ"
 
 #: Checks the lead / helper "recipe-timm" still have to add (see tests/reliability/GUARANTEES.md).
-PENDING_TIMM_OUTPUT_DIR = pytest.mark.xfail(
-    strict=True, reason="pending (recipe-timm): check --output_dir is writable before loading anything"
-)
-PENDING_TIMM_PUSH = pytest.mark.xfail(
-    strict=True, reason="pending (recipe-timm): a failed push is one line and keeps the trained outputs"
-)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -122,10 +116,7 @@ CASES = {
     "output dir on a read-only file system": (["timm", "hf"], ["--output_dir", "/proc/rifle_out"], "good",
                                               ["--output_dir", "writable"]),
 }
-PENDING = {
-    ("output dir under a file", "timm"): PENDING_TIMM_OUTPUT_DIR,
-    ("output dir on a read-only file system", "timm"): PENDING_TIMM_OUTPUT_DIR,
-}
+PENDING: dict = {}
 PARAMS = [
     pytest.param(case, recipe, id=f"{recipe}: {case}", marks=PENDING.get((case, recipe), ()))
     for case, (applies, *_) in CASES.items()
@@ -169,7 +160,7 @@ def run_cli(recipe: str, args: list[str], **env: str) -> subprocess.CompletedPro
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["hf", pytest.param("timm", marks=PENDING_TIMM_PUSH)])
+@pytest.mark.parametrize("recipe", ["hf", "timm"])
 def test_cli_push_to_unreachable_hub_is_one_line_and_loses_nothing(recipe, data, tmp_path):
     """The Hub is switched on but cannot be reached: one line naming the repo and the fix, the token never
     printed, and either nothing written (refused up front) or the finished outputs kept (push failed at the
