@@ -110,15 +110,15 @@ def test_every_load_in_the_source_tree_is_safe():
 def test_the_scan_catches_unsafe_code():
     bad = """
 import pickle as pk
-import torch
+import torch as th
 from torch import load as tl
-torch.load(f)
-torch.load(f, weights_only=False)
+th.load(f)
+th.load(f, weights_only=False)
 tl(f, map_location="cpu")
 pk.loads(b)
 AutoModel.from_pretrained(name, trust_remote_code=True)
 accelerator.register_for_checkpointing(obj)
-torch.load(f, weights_only=True)
+th.load(f, weights_only=True)
 """
     problems, n = _unsafe_calls(ast.parse(bad))
     assert n == 4 and len(problems) == 7, problems
