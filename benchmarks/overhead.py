@@ -7,9 +7,10 @@
 Measured in one run, written to ``<out>/overhead.csv`` / ``overhead.png`` / ``overhead_machine.json``:
 
 1. ``transformers.Trainer`` step time with RIFLE (``RifleTrainer``, R=3 re-inits inside the measured
-   window, cyclic head LR) against a plain ``Trainer``: same model, data and optimizer; arms alternate
-   to cancel drift. Also the time spent inside ``RifleCallback`` itself per step (precise, unlike the
-   end-to-end ratio on a shared CPU), and one ``reinit_head`` call against one training step.
+   window, cyclic head LR) against a plain ``Trainer``: same model, data and optimizer; arms run in
+   ABBA order (plain, rifle, rifle, plain, ...) so that a drift over time cancels. Also the time spent
+   inside ``RifleCallback`` itself per step (precise, unlike the end-to-end ratio on a shared CPU), and
+   one ``reinit_head`` call against one training step.
 2. Training images/s of ``recipes/train_timm.py`` and ``recipes/train_hf.py`` (each via its ``main``)
    against a bare PyTorch loop over pre-decoded tensors with the same model (EfficientNet-Lite0,
    64 px, batch 32, SGD, same precision, channels_last). Recipe throughput is the difference of two
@@ -35,10 +36,10 @@ from typing import Any
 
 import bench_common as bc
 
-FULL = {"steps": 30, "warmup": 5, "repeats": 2, "image_size": 64, "model": bc.MODEL,
-        "short_epochs": 1, "long_epochs": 2, "bare_steps": 60, "reinit_calls": 50}
+FULL = {"steps": 80, "warmup": 5, "repeats": 4, "image_size": 64, "model": bc.MODEL,
+        "short_epochs": 1, "long_epochs": 2, "bare_steps": 60, "reinit_calls": 50, "rounds": 3}
 SMOKE = {"steps": 8, "warmup": 2, "repeats": 1, "image_size": 32, "model": bc.MODEL,
-         "short_epochs": 1, "long_epochs": 2, "bare_steps": 6, "reinit_calls": 5}
+         "short_epochs": 1, "long_epochs": 2, "bare_steps": 6, "reinit_calls": 5, "rounds": 1}
 BATCH = 32
 NUM_CLASSES = 10
 
@@ -178,7 +179,7 @@ def measure_trainer(args: argparse.Namespace) -> list[dict[str, Any]]:
     callback_per_step: list[float] = []
     reinits: list[int] = []
     for rep in range(cfg["repeats"]):
-        for arm in ("plain", "rifle"):
+        for arm in ("plain", "rifle") if rep % 2 == 0 else ("rifle", "plain"):  # ABBA: cancels linear drift
             timer = StepTimer()
             model = _hf_model(args)
             if arm == "plain":
@@ -347,6 +348,36 @@ def run_child(args: argparse.Namespace) -> int:
     return 0
 
 
+def _throughput_child(args: argparse.Namespace, kind: str, data: Path, out: Path) -> dict[str, Any] | None:
+    """One measurement in a fresh process (so peak RSS is its own)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child_out", str(out),
+           "--child_data", str(data), "--device", args.device, "--threads", str(args.threads)]
+    cmd += ["--smoke"] if args.smoke else []
+    cmd += ["--compile"] if args.compile else []
+    cmd += ["--profile"] if args.profile and kind != "bare" else []
+    bc.log(f"throughput child {kind}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        bc.log(f"child {kind} failed:\n{proc.stderr[-3000:]}")
+        return None
+    res = json.loads(out.read_text())
+    prof = out.with_suffix(".profile.txt")
+    if prof.is_file():
+        bc.atomic_write_text(args.out / f"overhead_profile_{kind}.txt", prof.read_text())
+    bc.log(f"  {kind}: {res['img_per_s']:.1f} img/s, peak RSS {res['maxrss_mb']:.0f} MB")
+    return res
+
+
+def _median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median throughput over rounds (single runs of ~10 s swing by +-10% on this CPU); peak RSS: the max."""
+    out = {"img_per_s": statistics.median(r["img_per_s"] for r in runs), "maxrss_mb": max(r["maxrss_mb"] for r in runs),
+           "all_img_per_s": [round(r["img_per_s"], 1) for r in runs]}
+    walls = [r["img_per_s_from_wall"] for r in runs if r.get("img_per_s_from_wall") is not None]
+    if walls:
+        out["img_per_s_from_wall"] = statistics.median(walls)
+    return out
+
+
 def measure_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Spawn one fresh process per measurement (bare loop, timm recipe, HF recipe)."""
     cfg = args.cfg
@@ -355,32 +386,22 @@ def measure_throughput(args: argparse.Namespace) -> list[dict[str, Any]]:
         data = bc.prepare_fashion_mnist(data, per_class=4, seed=0, test_size=20, val_per_class=2)
     else:
         data = bc.prepare_fashion_mnist(data, per_class=100, seed=0, test_size=200, val_per_class=10)
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     tmp = Path(tempfile.mkdtemp(prefix="overhead_children_"))
-    for kind in ("bare", "timm", "hf"):
-        if kind != "bare" and not (bc.RECIPE_TIMM if kind == "timm" else bc.RECIPE_HF).is_file():
-            bc.log(f"skip {kind}: recipe missing")
-            continue
-        out = tmp / f"{kind}.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--child_out", str(out),
-               "--child_data", str(data), "--device", args.device, "--threads", str(args.threads)]
-        cmd += ["--smoke"] if args.smoke else []
-        cmd += ["--compile"] if args.compile else []
-        cmd += ["--profile"] if args.profile and kind != "bare" else []
-        bc.log(f"throughput child {kind}")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            bc.log(f"child {kind} failed:\n{proc.stderr[-3000:]}")
-            continue
-        results[kind] = json.loads(out.read_text())
-        prof = out.with_suffix(".profile.txt")
-        if prof.is_file():
-            bc.atomic_write_text(args.out / f"overhead_profile_{kind}.txt", prof.read_text())
-        bc.log(f"  {kind}: {results[kind]['img_per_s']:.1f} img/s, peak RSS {results[kind]['maxrss_mb']:.0f} MB")
+    kinds = [k for k in ("bare", "timm", "hf")
+             if k == "bare" or (bc.RECIPE_TIMM if k == "timm" else bc.RECIPE_HF).is_file()]
+    for round_index in range(cfg["rounds"]):  # rotate the order each round so that no kind always runs first
+        shift = round_index % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:
+            res = _throughput_child(args, kind, data, tmp / f"{kind}{round_index}.json")
+            if res is not None:
+                runs.setdefault(kind, []).append(res)
+    results = {kind: _median_result(rs) for kind, rs in runs.items()}
     rows: list[dict[str, Any]] = []
     label = f"{cfg['model']}, {cfg['image_size']} px, batch {BATCH}, SGD, channels_last, {args.device}"
     for kind, res in results.items():
         how = "steady-state steps" if kind == "bare" else "the recipe's own train-phase figure (all_results.json)"
+        how += f"; median of {len(res['all_img_per_s'])} fresh processes: {res['all_img_per_s']}"
         rows.append({"metric": f"img_per_s_{kind}", "value": res["img_per_s"], "unit": "img/s", "note": f"{label}; {how}"})
         if res.get("img_per_s_from_wall") is not None:
             rows.append({"metric": f"img_per_s_{kind}_from_wall", "value": res["img_per_s_from_wall"], "unit": "img/s",

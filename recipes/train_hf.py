@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     label_names=info.label_names,
                     command=command_line(["recipes/train_hf.py", *argv]),
                     extra=_card_settings(training_args, method_args, cfg, done_reinits),
+                    repo_id=training_args.hub_model_id if training_args.push_to_hub else None,
                 )
                 (stage / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
                 files = sorted(p.name for p in stage.iterdir())

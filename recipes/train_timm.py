@@ -17,6 +17,7 @@ arrow path; the default is the bundled Fashion-MNIST subset. Writes to ``--outpu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -180,6 +181,20 @@ def _create_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module
             if "Hub unreachable" not in str(err):
                 raise
             raise UserError(f"{err} (on the command line: --no-pretrained)") from err
+
+
+def _reseed_batch(train_transform: Any, seed: int, rank: int, epoch: int, skipped: int, index: int) -> None:
+    """Seed every random draw of one micro-batch from (seed, rank, epoch, batch index).
+
+    Augmentation uses its own generator; Dropout, drop-path and DisturbLabel draw from torch's global
+    RNG. Seeding both per batch makes a resumed run draw exactly what the uninterrupted run drew, without
+    restoring pickled RNG state (Accelerate's ``random_states_*.pkl`` would need ``weights_only=False``).
+    """
+    from rifle_hf.training import mix_seed
+
+    batch_seed = mix_seed(seed, rank, epoch, index + skipped)
+    train_transform.generator.manual_seed(batch_seed)
+    torch.manual_seed(mix_seed(batch_seed, 0xD20F))
 
 
 def _lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
@@ -437,8 +452,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 transform=train_transform,
                 label_fn=label_fn,
                 penalty_fn=penalty_fn,
-                before_batch=lambda i, e=epoch, skip=done_in_epoch * args.gradient_accumulation_steps: (
-                    train_transform.generator.manual_seed(T.mix_seed(args.seed, rank, e, i + skip))
+                before_batch=functools.partial(
+                    _reseed_batch, train_transform, args.seed, rank, epoch, done_in_epoch * args.gradient_accumulation_steps
                 ),
                 after_backward=after_backward,
                 on_update=on_update,
@@ -523,6 +538,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     library="timm", label_names=info.label_names, command=command,
                     extra={k: v for k, v in _json_args(args).items() if not k.startswith("rifle_")}
                     | {"reinit_steps": history.reinit_steps, "updates_per_epoch": updates_per_epoch},
+                    repo_id=args.hub_model_id if args.push_to_hub else None,
                 )
                 (stage / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
                 history.write(stage)

@@ -36,8 +36,12 @@ def write_model_card(
     label_names: Sequence[str],
     command: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
 ) -> Path:
-    """Write ``README.md`` (Hub model-card format, YAML front matter first) into ``output_dir``."""
+    """Write ``README.md`` (Hub model-card format, YAML front matter first) into ``output_dir``.
+
+    ``repo_id`` (the Hub repository the folder is pushed to, if any) only changes the loading snippet.
+    """
     output_dir = Path(output_dir)
     method = "RIFLE" if rifle is not None else "vanilla fine-tuning"
     tags = ["image-classification", "rifle-hf", library] + (["rifle"] if rifle is not None else [])
@@ -80,6 +84,12 @@ def write_model_card(
         rifle_json,
         "```",
         "",
+        "## How to use",
+        "",
+        "```python",
+        *_usage(library, repo_id),
+        "```",
+        "",
         "## Labels",
         "",
         ", ".join(f"{i}: {name}" for i, name in enumerate(label_names)),
@@ -93,3 +103,15 @@ def write_model_card(
     output_dir.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _usage(library: str, repo_id: str | None) -> list[str]:
+    """Lines that load the model with its own library alone (rifle-hf is not needed to use it)."""
+    if library == "timm":
+        source = f"hf-hub:{repo_id}" if repo_id else "local-dir:path/to/this/folder"
+        return ["import timm", "", f'model = timm.create_model("{source}", pretrained=True).eval()',
+                "data_config = timm.data.resolve_data_config(model=model)",
+                "transform = timm.data.create_transform(**data_config)"]
+    source = repo_id or "path/to/this/folder"
+    return ["from transformers import pipeline", "", f'classifier = pipeline("image-classification", model="{source}")',
+            'classifier("image.jpg")']

@@ -227,6 +227,12 @@ def test_vit_image_folder_end_to_end(vit_run, folder_dataset):
     assert results["eval_split"] == "test"
     card = (out / "README.md").read_text()
     assert "RIFLE" in card and "recipes/train_hf.py" in card and "ant" in card
+    # the card's "How to use" snippet classifies an image with a plain transformers pipeline
+    snippet = card.split("## How to use")[1].split("```python")[1].split("```")[0]
+    image = next((folder_dataset / "test").rglob("*.png"))
+    namespace: dict = {}
+    exec(snippet.replace("path/to/this/folder", str(out)).replace("image.jpg", str(image)), namespace)
+    assert {p["label"] for p in namespace["classifier"](str(image), top_k=3)} == set(CLASSES)
 
 
 @pytest.mark.slow

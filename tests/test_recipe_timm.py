@@ -198,6 +198,12 @@ def test_model_card_has_rifle_config_and_command_without_token(e2e):
     assert "recipes/train_timm.py" in card and "--rifle_num_reinits 1" in card
     assert "hf_secretsecret123" not in card and "<redacted>" in card
     assert "0: cat, 1: dog, 2: fish" in card
+    # the card's "How to use" snippet loads the trained model with plain timm
+    snippet = card.split("## How to use")[1].split("```python")[1].split("```")[0]
+    namespace: dict = {}
+    exec(snippet.replace("path/to/this/folder", str(out)), namespace)
+    assert namespace["model"].num_classes == 3
+    assert namespace["data_config"]["input_size"][-1] == 32
 
 
 # --------------------------------------------------------------------------------------------- resume

@@ -109,3 +109,15 @@ def test_rifle_state_dict_round_trip_prevents_repeat_on_resume():
 def test_wrapper_needs_a_run_length():
     with pytest.raises(ValueError, match="num_epochs"):
         RifleWrapper(timm.create_model("test_resnet", num_classes=3), num_reinits=1)
+
+
+def test_import_for_a_timm_loop_does_not_load_transformers():
+    """The transformers adapters load on first use, so a timm-only training script imports quickly."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rifle_hf; assert 'transformers' not in sys.modules, 'eager transformers import'; "
+            "from rifle_hf import RifleTrainer; assert 'transformers' in sys.modules; print(RifleTrainer.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "RifleTrainer"

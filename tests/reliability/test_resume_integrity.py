@@ -181,12 +181,7 @@ def _recipe(name: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [
-    pytest.param("timm", marks=pytest.mark.xfail(strict=True, reason=(
-        "pending (recipe-timm): Accelerate cannot restore random_states_*.pkl with weights_only=True, so "
-        "Dropout / DisturbLabel draw other masks after a resume; seed the global RNG per batch"))),
-    "hf",
-])
+@pytest.mark.parametrize("recipe", ["timm", "hf"])
 def test_resume_with_dropout_and_disturb_label_is_exact(recipe, tmp_path):
     """The stochastic regularizers draw the same masks/labels after a mid-run resume."""
     data = _folder(tmp_path / "data")
