@@ -66,3 +66,11 @@ def set_head_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in head_param_groups(optimizer):
         base = group.setdefault(BASE_LR_KEY, group.get("initial_lr", group["lr"]))
         group["lr"] = base * factor
+
+
+def schedule_factor(optimizer: torch.optim.Optimizer) -> float | None:
+    """The LR scheduler's current factor (``lr / initial_lr``) of the first non-head group, if it has one."""
+    for group in optimizer.param_groups:
+        if not group.get(HEAD_GROUP_KEY) and group.get("initial_lr"):
+            return group["lr"] / group["initial_lr"]
+    return None

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .optim import HEAD_GROUP_KEY, head_param_groups, set_head_lr
+from .optim import HEAD_GROUP_KEY, head_param_groups, schedule_factor, set_head_lr
 from .reinit import INITIALIZERS, copy_head_values, reinit_head
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class RifleConfig:
             so stale momentum does not drag the fresh weights back.
         head_lr: ``"cyclic"``: the head's LR follows a cosine that restarts at every re-init (the
             reference's ``fc_lr_util=cyclic``; needs the head in its own optimizer param group).
+            Until the first re-init it never exceeds the main schedule's factor, so an LR warmup
+            applies to the head too.
             ``"none"``: the head follows the optimizer's own schedule.
         head: module path(s) of the head, overriding detection (see `find_head`).
         init: how new head weights are drawn; one of `rifle_hf.reinit.INITIALIZERS`.
@@ -233,7 +235,11 @@ class RifleScheduler:
 
     def _apply_head_lr(self, progress: float) -> None:
         if self.config.head_lr == "cyclic" and self.optimizer is not None:
-            set_head_lr(self.optimizer, self.head_lr_factor(progress))
+            factor = self.head_lr_factor(progress)
+            main = schedule_factor(self.optimizer) if self.num_done == 0 else None
+            if main is not None:  # before the first re-init the head warms up with the rest of the model
+                factor = min(factor, main)
+            set_head_lr(self.optimizer, factor)
 
     def _fire_due(
         self, now: float, *, epoch: float | None, step: int | None, points: Sequence[float] | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -75,6 +77,30 @@ def test_scheduler_fires_in_step_update_and_cycles_head_lr():
     assert all(a >= b for a, b in zip(lrs[:4], lrs[1:4]))  # decreasing within a cycle
     # the backbone groups were not touched
     assert all(g["lr"] == 0.1 for g in opt.param_groups if not g.get("rifle_head"))
+
+
+def test_cyclic_head_lr_follows_the_warmup_until_the_first_reinit():
+    """A warmup applies to the head too; after a re-init the fresh head restarts at its full LR."""
+    model = timm.create_model("test_resnet", num_classes=3)
+    opt = _opt(model)
+    warmup, total = 4, 20
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+    )
+    sched = RifleScheduler(model, RifleConfig(num_reinits=1, seed=0), total=total, unit="step", optimizer=opt)
+    head = [g for g in opt.param_groups if g.get("rifle_head")][0]
+    body = [g for g in opt.param_groups if not g.get("rifle_head")][0]
+    head_lrs, body_lrs = [], []
+    for step in range(1, total + 1):
+        opt.step()
+        lr_sched.step()
+        sched.step_update(step)
+        head_lrs.append(head["lr"])
+        body_lrs.append(body["lr"])
+    assert head_lrs[: warmup - 1] == pytest.approx(body_lrs[: warmup - 1])  # warming up: same LR
+    assert head_lrs[0] == pytest.approx(0.1 / warmup)
+    assert all(h <= b + 1e-12 for h, b in zip(head_lrs[:9], body_lrs[:9]))  # first period: never above
+    assert head_lrs[9] == pytest.approx(0.1) and body_lrs[9] < 0.1  # the re-init at step 10 restarts it
 
 
 def test_epoch_points_fire_at_the_exact_step_when_updates_per_epoch_known():
