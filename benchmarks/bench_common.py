@@ -17,6 +17,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -332,6 +333,30 @@ def recipe_flags(path: Path = RECIPE_TIMM) -> str:
     with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
         main(["--help"])
     return buf.getvalue()
+
+
+def recipe_settings(argv: Sequence[str], path: Path = RECIPE_TIMM) -> dict[str, Any]:
+    """The recipe's parsed arguments for ``argv`` without where the outputs go: two command lines that
+    train exactly the same run give equal dicts (flag order, spelling and defaults do not matter)."""
+    parse = load_recipe_main(path).__globals__["parse_args"]
+    argv = list(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "--output_dir" in argv:
+            argv[argv.index("--output_dir") + 1] = tmp
+        settings = vars(parse(argv))
+    return {k: v for k, v in settings.items() if k not in ("output_dir", "quiet")}
+
+
+def find_equivalent_record(argv: Sequence[str], record_dirs: Sequence[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """A finished record (another benchmark's) whose run had exactly these settings, so it is not redone."""
+    wanted = recipe_settings(argv)
+    for folder in record_dirs:
+        for record_path in sorted(Path(folder).glob("*.json")):
+            with contextlib.suppress(OSError, ValueError, KeyError, SystemExit):
+                record = json.loads(record_path.read_text())
+                if recipe_settings(record["argv"]) == wanted:
+                    return record_path, record
+    return None
 
 
 def _reset_accelerate() -> None:

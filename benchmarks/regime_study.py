@@ -15,7 +15,9 @@ from the official training images outside the few-shot draw), never on the test 
 2. The regime, for vanilla and the chosen RIFLE alike, each factor moved alone from the base
    (64 px, 12 epochs, 100 images per class): ``image_size`` 96, ``epochs`` 24, ``per_class`` 10 / 1000.
 
-Every configuration runs on the same paired seeds (split + init + order). Reported: validation and
+Every configuration runs on the same paired seeds (split + init + order). A run the paper table already
+made with exactly the same recipe settings (vanilla and RIFLE R=1..3 at the base regime) is taken from
+``paper_table_runs/`` (the record says ``reused_from``) instead of being trained again. Reported: validation and
 test top-1 per configuration, the test numbers of the chosen RIFLE next to the reference defaults' (paired
 bootstrap CI), and RIFLE minus vanilla per regime. Outputs: ``regime_study.csv``, ``regime_study.md``,
 ``regime_study.png``; one JSON record per (configuration, seed) under ``regime_runs/``.
@@ -117,19 +119,35 @@ class Study:
                     self.waiting = missing = True  # another worker runs it
                     continue
                 try:
-                    self._run(cfg, seed, path)
+                    if not self._reuse(cfg, seed, path):
+                        self._run(cfg, seed, path)
                 finally:
                     bc.release_lock(path)
             out.append(json.loads(path.read_text()))
         return None if missing else out
 
-    def _run(self, cfg: dict[str, Any], seed: int, path: Path) -> None:
+    def _argv(self, cfg: dict[str, Any], seed: int) -> tuple[list[str], Path]:
         c = self.args.cfg
         data = bc.prepare_fashion_mnist(
             self.args.out / "runs" / "data" / f"fmnist_pc{cfg['per_class']}_t{c['test_size']}_s{seed}",
             cfg["per_class"], seed, c["test_size"], c["val_per_class"])
         run_dir = self.args.out / "runs" / "regime" / f"{config_name(cfg)}__seed{seed}"
-        argv = recipe_argv(self.args, cfg, seed, data, run_dir)
+        return recipe_argv(self.args, cfg, seed, data, run_dir), run_dir
+
+    def _reuse(self, cfg: dict[str, Any], seed: int, path: Path) -> bool:
+        """Copy the paper table's record of a run with exactly these recipe settings (same data folder,
+        seed and flags), e.g. vanilla and RIFLE R=1..3 at the base regime, instead of training it again."""
+        found = bc.find_equivalent_record(self._argv(cfg, seed)[0], [self.args.out / "paper_table_runs"])
+        if found is None:
+            return False
+        source, rec = found
+        bc.atomic_write_json(path, {**rec, "config": cfg, "name": config_name(cfg), "seed": seed,
+                                    "reused_from": str(source.relative_to(self.args.out))})
+        bc.log(f"reuse {source.name} for {config_name(cfg)} seed {seed}")
+        return True
+
+    def _run(self, cfg: dict[str, Any], seed: int, path: Path) -> None:
+        argv, run_dir = self._argv(cfg, seed)
         bc.log(f"run {config_name(cfg)} seed {seed}")
         rec = bc.cached_run(path, argv, run_dir, {"config": cfg, "name": config_name(cfg), "seed": seed})
         self.new_runs += 1

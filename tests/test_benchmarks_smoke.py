@@ -7,6 +7,7 @@ The smoke runs are real: the scripts call the recipes' ``main`` on tiny Fashion-
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -98,6 +99,21 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 needs_timm_recipe = pytest.mark.skipif(not RECIPE_TIMM.is_file(), reason="recipes/train_timm.py not written yet")
+
+def test_a_run_with_the_same_recipe_settings_is_reused_not_redone(bench_modules, tmp_path):
+    """The regime study takes the table's record when the recipe would train exactly the same run."""
+    bc, _ = bench_modules
+    base = ["--model", "test_resnet", "--dataset", str(tmp_path / "data"), "--seed", "1", "--num_epochs", "4"]
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "rifle.json").write_text(json.dumps(
+        {"argv": [*base, "--rifle_num_reinits", "3", "--output_dir", str(tmp_path / "a"), "--quiet"], "test_top1": 0.5}))
+    same = ["--rifle_num_reinits", "3", "--rifle_head_lr", "cyclic", *base, "--output_dir", str(tmp_path / "b")]
+    found = bc.find_equivalent_record(same, [records])
+    assert found is not None and found[0].name == "rifle.json" and found[1]["test_top1"] == 0.5
+    assert bc.find_equivalent_record([*same, "--rifle_head_lr", "none"], [records]) is None
+    assert bc.find_equivalent_record([*base, "--output_dir", str(tmp_path / "c")], [records]) is None  # vanilla
+    assert not (tmp_path / "b").exists()  # parsing the settings writes nothing
 
 
 @pytest.mark.slow
