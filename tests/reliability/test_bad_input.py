@@ -25,8 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {"timm": ROOT / "recipes" / "train_timm.py", "hf": ROOT / "recipes" / "train_hf.py"}
 TOKEN = "hf_FAKEbadinput0123456789abcdefXYZ"
 
-#: Checks the lead / helper "recipe-timm" still have to add (see tests/reliability/GUARANTEES.md).
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
