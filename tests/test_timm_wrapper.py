@@ -121,3 +121,6 @@ def test_import_for_a_timm_loop_does_not_load_transformers():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "RifleTrainer"
+    import rifle_hf
+
+    assert {"RifleCallback", "RifleTrainer"} <= set(dir(rifle_hf))
