@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import importlib.util
 import io
 import json
@@ -354,9 +355,15 @@ def find_equivalent_record(argv: Sequence[str], record_dirs: Sequence[Path]) -> 
         for record_path in sorted(Path(folder).glob("*.json")):
             with contextlib.suppress(OSError, ValueError, KeyError, SystemExit):
                 record = json.loads(record_path.read_text())
-                if recipe_settings(record["argv"]) == wanted:
+                if _record_settings(tuple(record["argv"])) == wanted:
                     return record_path, record
     return None
+
+
+@functools.cache
+def _record_settings(argv: tuple[str, ...]) -> dict[str, Any]:
+    """`recipe_settings` of a finished record, parsed once per process (records never change)."""
+    return recipe_settings(argv)
 
 
 def _reset_accelerate() -> None:

@@ -183,20 +183,6 @@ def _create_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module
             raise UserError(f"{err} (on the command line: --no-pretrained)") from err
 
 
-def _reseed_batch(train_transform: Any, seed: int, rank: int, epoch: int, skipped: int, index: int) -> None:
-    """Seed every random draw of one micro-batch from (seed, rank, epoch, batch index).
-
-    Augmentation uses its own generator; Dropout, drop-path and DisturbLabel draw from torch's global
-    RNG. Seeding both per batch makes a resumed run draw exactly what the uninterrupted run drew, without
-    restoring pickled RNG state (Accelerate's ``random_states_*.pkl`` would need ``weights_only=False``).
-    """
-    from rifle_hf.training import mix_seed
-
-    batch_seed = mix_seed(seed, rank, epoch, index + skipped)
-    train_transform.generator.manual_seed(batch_seed)
-    torch.manual_seed(mix_seed(batch_seed, 0xD20F))
-
-
 def _lrs(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
     """(backbone LR, head LR) now; the head LR is the backbone's when the head has no group of its own."""
     from rifle_hf.optim import HEAD_GROUP_KEY
@@ -453,7 +439,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 label_fn=label_fn,
                 penalty_fn=penalty_fn,
                 before_batch=functools.partial(
-                    _reseed_batch, train_transform, args.seed, rank, epoch, done_in_epoch * args.gradient_accumulation_steps
+                    T.reseed_batch, train_transform.generator, args.seed, rank, epoch,
+                    done_in_epoch * args.gradient_accumulation_steps,
                 ),
                 after_backward=after_backward,
                 on_update=on_update,

@@ -55,6 +55,7 @@ __all__ = [
     "load_checkpoint",
     "make_lr_lambda",
     "mix_seed",
+    "reseed_batch",
     "output_dir_guard",
     "resolve_checkpoint",
     "plot_history",
@@ -218,6 +219,16 @@ def mix_seed(*values: int) -> int:
     for v in values:
         h = ((h ^ (int(v) & 0xFFFFFFFFFFFF)) * 1099511628211) % (2**63 - 1)
     return h
+
+
+def reseed_batch(generator: torch.Generator, seed: int, rank: int, epoch: int, skipped: int, index: int) -> None:
+    """Seed every random draw of one micro-batch from (seed, rank, epoch, batch index): ``generator``
+    (augmentation) and torch's global RNG (Dropout, drop-path, DisturbLabel). A resumed run then draws
+    exactly what the uninterrupted run drew, without restoring pickled RNG state (Accelerate's
+    ``random_states_*.pkl`` would need ``weights_only=False``). Use as ``before_batch`` via ``partial``."""
+    batch_seed = mix_seed(seed, rank, epoch, index + skipped)
+    generator.manual_seed(batch_seed)
+    torch.manual_seed(mix_seed(batch_seed, 0xD20F))
 
 
 def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
